@@ -113,9 +113,6 @@ class Dataset:
     def image_path(self, sig: str) -> Path:
         return self.root / "images" / f"{sig}.jpg"
 
-    def scene_ref(self, query: Query) -> ImageRef:
-        return ImageRef(self.image_path(query.scene), query.crop)
-
     @property
     def category_names(self) -> list[str]:
         return sorted(set(self.categories.values()))
@@ -130,6 +127,20 @@ class Dataset:
                 by_category[self.categories[product]].append(product)
             self._catalog_cache = dict(by_category)
         return self._catalog_cache
+
+    def discard(self, failed: dict[ImageRef, str]) -> None:
+        """Drop the products and queries whose image turned out unreadable, reporting each."""
+        if not failed:
+            return
+        bad = {ref.path.stem: reason for ref, reason in failed.items()}
+        for product in [p for p in self.categories if p in bad]:
+            self.report.add(product, f"product image unreadable: {bad[product]}")
+            del self.categories[product]
+        for query in self.queries:
+            if query.scene in bad:
+                self.report.add(query.scene, f"scene image unreadable: {bad[query.scene]}")
+        self.queries = [q for q in self.queries if q.scene not in bad and all(p in self.categories for p in q.positives)]
+        self.__dict__.pop("_catalog_cache", None)
 
     def split(self, fractions: tuple[float, float, float], seed: int) -> dict[str, list[Query]]:
         """Train / validation / test queries, split by scene so that no scene is in two splits.
