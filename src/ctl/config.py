@@ -113,6 +113,9 @@ class Config:
             section, _, name = key.strip().partition(".")
             if not sep or not name or section not in raw or name not in raw[section]:
                 raise ValueError(f"bad override {assignment!r}: expected section.key=value with a known key")
+            if isinstance(raw[section][name], str):
+                raw[section][name] = value  # a text field keeps the text, even one like "2024" or "true"
+                continue
             try:
                 raw[section][name] = json.loads(value)
             except json.JSONDecodeError:
