@@ -278,7 +278,11 @@ def _image_size(path: Path) -> tuple[int, int] | str:
     """The image's size from its header, or the reason it cannot be used."""
     try:
         with Image.open(path) as image:
-            return image.size
+            width, height = image.size
+            # EXIF orientations 5-8 turn the picture a quarter: load_image returns it with sides swapped
+            if image.getexif().get(0x0112) in (5, 6, 7, 8):
+                return height, width
+            return width, height
     except FileNotFoundError:
         return "scene image missing"
     except (UnidentifiedImageError, OSError) as err:
@@ -296,6 +300,8 @@ def load_queries(path: str | Path, dataset: Dataset) -> list[Query]:
             bbox = validate_box(record["bbox"], name) if record.get("bbox") is not None else None
             positives = record["positive"]
             positives = tuple([positives] if isinstance(positives, str) else positives)
+            if not positives:
+                raise ValueError("no positive product")
             query = Query(
                 scene=str(record["scene"]),
                 bbox=bbox,  # type: ignore[arg-type]
