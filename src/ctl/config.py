@@ -113,13 +113,13 @@ class Config:
             section, _, name = key.strip().partition(".")
             if not sep or not name or section not in raw or name not in raw[section]:
                 raise ValueError(f"bad override {assignment!r}: expected section.key=value with a known key")
-            if isinstance(raw[section][name], str):
-                raw[section][name] = value  # a text field keeps the text, even one like "2024" or "true"
-                continue
             try:
-                raw[section][name] = json.loads(value)
+                parsed = json.loads(value)
             except json.JSONDecodeError:
-                raw[section][name] = value
+                parsed = value
+            if isinstance(raw[section][name], str) and not isinstance(parsed, str):
+                parsed = value  # a text field keeps the text, even one like 2024 or true
+            raw[section][name] = parsed
         return Config.from_dict(raw)
 
 
