@@ -54,6 +54,7 @@ def write_release(folder: Path, sigs: Sequence[str], name: str = "fashion") -> t
 
 class _Server(ThreadingHTTPServer):
     block_on_close = False  # do not wait for handlers still sleeping in a slow answer
+    request_queue_size = 128  # the default of 5 drops connections when many arrive at once
     stl: STLServer
 
     def handle_error(self, request, client_address) -> None:

@@ -82,6 +82,7 @@ def test_faults_end_as_expected_and_a_second_run_fetches_only_failures(tmp_path)
     assert summary.pairs == len(sigs) // 2
     assert summary.pairs_missing == sum(1 for s, p in zip(sigs[::2], sigs[1::2]) if s in failed or p in failed)
     assert not summary.passed  # 6 of 32 images failed, over the default 5%
+    assert "6 failed (18.75%, OVER the 5.00% allowed)" in summary.report()
     records = [json.loads(line) for line in (out / FAILURES_FILE).read_text().splitlines()]
     assert [(r["sig"], r["reason"], r["attempts"]) for r in records] == sorted(
         (sig, reason, FAULTS[kind[sig]][2]) for sig, reason in failed.items()

@@ -93,7 +93,7 @@ class DownloadSummary:
         lines = [
             f"{self.images} images: {self.downloaded} downloaded, {self.present} already there, "
             f"{len(self.failures)} failed ({self.failure_rate:.2%}, {verdict} the {self.max_failure_rate:.2%} allowed)",
-            f"{self.downloaded / max(self.seconds, 1e-9):.1f} images/s over {self.seconds:.1f} s",
+            f"{self.seconds:.1f} s, {self.downloaded / max(self.seconds, 1e-9):.1f} images downloaded a second",
         ]
         if self.failures:
             lines.append("failed by reason: " + ", ".join(f"{r} {n}" for r, n in self.reasons().items()))
