@@ -178,7 +178,8 @@ class _Stopped(Exception):
 
 
 def _get_once(url: str, timeout: float) -> bytes:
-    """One GET, redirects followed; the whole response must arrive within ``timeout`` seconds."""
+    """One GET, redirects followed: no connect or read may take over ``timeout`` seconds, and a
+    response still arriving ``timeout`` seconds after the request is abandoned."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     deadline = time.monotonic() + timeout
     try:
@@ -313,7 +314,8 @@ def download(
     every scene and product of the pairs and every product of the category map (the catalog
     negatives are drawn from). Defaults: 8 connections, at most 20 requests a second in all
     (``rate <= 0``: no limit), 5 retries after 1, 2, 4, 8, 16 s (each jittered down by up to half),
-    30 s for a whole response, no wait over 60 s (Retry-After included). The summary passes unless
+    a 30 s timeout (for each connect or read; a response still arriving after it is abandoned), no
+    wait over 60 s (Retry-After included). The summary passes unless
     more than ``max_failure_rate`` of the images failed (default 5%).
 
     Stale temporary files of a killed run are removed first, so two runs must not write into one
