@@ -33,7 +33,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ctl.backbones import PREPROCESS_VERSION, Backbone, preprocess
-from ctl.images import ImageError, ImageRef, load_region
+from ctl.config import FeatureConfig
+from ctl.data import Dataset, Query
+from ctl.images import Box, ImageError, ImageRef, load_region
 from ctl.io import atomic_path
 
 T = TypeVar("T")
@@ -107,6 +109,52 @@ def extract_features(
                     _fill(result, [rows[k] for k in keys], arrays)
                 bar.update(len(batch))
     return result
+
+
+@dataclass
+class DatasetFeatures:
+    """Backbone features of a dataset: every catalog product, and the context crop of every query."""
+
+    backbone: dict  # name, weights_id, global_dim, local_dim, grid: what a trained run must match
+    product_index: dict[str, int]
+    product_global: np.ndarray  # (P, global_dim) float16
+    scene_index: dict[tuple[str, Box], int]  # (scene, crop) -> row
+    scene_global: np.ndarray  # (S, global_dim) float16
+    scene_local: np.ndarray  # (S, H, W, local_dim) float16
+
+    def has_scene(self, query: Query) -> bool:
+        return (query.scene, query.crop) in self.scene_index
+
+    def scene_row(self, query: Query) -> int:
+        return self.scene_index[(query.scene, query.crop)]
+
+    def scene_tensors(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (B, global_dim) global vectors and (B, H*W, local_dim) region vectors."""
+        local = torch.from_numpy(self.scene_local[rows]).float()
+        return torch.from_numpy(self.scene_global[rows]).float(), local.flatten(1, 2)
+
+
+def encode_dataset(dataset: Dataset, backbone: Backbone, cfg: FeatureConfig, queries: Sequence[Query] | None = None, progress: bool = True) -> DatasetFeatures:
+    """Features of the whole catalog and of the queries' scene crops (all queries by default).
+
+    Images that cannot be read are dropped from the dataset and reported in its SkipReport."""
+    options = dict(cache_dir=cfg.cache_dir, image_size=cfg.image_size, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=progress)
+    products = sorted(dataset.categories)
+    product_features = extract_features(backbone, [ImageRef(dataset.image_path(p)) for p in products], with_local=False, **options)
+    scene_keys = sorted({(q.scene, q.crop) for q in (dataset.queries if queries is None else queries)})
+    scene_refs = [ImageRef(dataset.image_path(scene), crop) for scene, crop in scene_keys]
+    scene_features = extract_features(backbone, scene_refs, with_local=True, **options)
+    dataset.discard({**product_features.failed, **scene_features.failed})
+    side = backbone.local_size(cfg.image_size)
+    info = {"name": backbone.name, "weights_id": backbone.weights_id, "global_dim": backbone.global_dim, "local_dim": backbone.local_dim, "grid": [side, side]}
+    return DatasetFeatures(
+        backbone=info,
+        product_index={p: i for i, p in enumerate(products) if product_features.ok[i]},
+        product_global=product_features.global_,
+        scene_index={key: i for i, key in enumerate(scene_keys) if scene_features.ok[i]},
+        scene_global=scene_features.global_,
+        scene_local=scene_features.local,
+    )
 
 
 def _file_digest(path: Path) -> str | ImageError:

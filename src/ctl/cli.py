@@ -1,0 +1,189 @@
+"""The ``ctl`` command: a thin layer over the library, one subcommand per pipeline step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ctl.config import VARIANTS, Config
+
+DEFAULT_DATA = Path("~/.cache/ctl/synthetic").expanduser()
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The config file (if any), then the explicit flags, then ``--set`` assignments."""
+    cfg = Config.load(args.config) if args.config else Config()
+    flags = {
+        "data.root": getattr(args, "data", None),
+        "features.backbone": getattr(args, "backbone", None),
+        "features.weights": getattr(args, "weights", None),
+        "features.cache_dir": getattr(args, "cache_dir", None),
+        "model.variant": getattr(args, "variant", None),
+        "train.epochs": getattr(args, "epochs", None),
+    }
+    assignments = [f"{k}={json.dumps(str(v) if isinstance(v, Path) else v)}" for k, v in flags.items() if v is not None]
+    return cfg.override(assignments + list(args.set))
+
+
+def ensure_data(cfg: Config) -> Config:
+    """With no dataset named, generate the small built-in one (seconds) and use it."""
+    if cfg.data.root:
+        return cfg
+    from ctl.synthetic import generate
+
+    print(f"no --data given: using the generated dataset in {DEFAULT_DATA}")
+    generate(DEFAULT_DATA)
+    return cfg.override([f"data.root={json.dumps(str(DEFAULT_DATA))}"])
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    from ctl.pipeline import prepare
+
+    cfg = ensure_data(build_config(args))
+    _, features = prepare(cfg)
+    print(f"features ready: {len(features.product_index)} products, {len(features.scene_index)} scene crops ({features.backbone['name']})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ctl.pipeline import prepare
+    from ctl.train import train
+
+    cfg = ensure_data(build_config(args))
+    dataset, features = prepare(cfg)
+    run = train(cfg, dataset, features, args.run)
+    print(f"best model in {run.path / 'best.pt'}; per-epoch metrics in {run.path / 'metrics.jsonl'}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from ctl.data import load_queries
+    from ctl.evaluate import build_candidates, evaluate, markdown_table, model_scorer, summarize
+    from ctl.features import encode_dataset
+    from ctl.io import write_text_atomic
+    from ctl.recommend import load_backbone
+    from ctl.train import load_run
+
+    run = load_run(args.run)
+    cfg = run.config.override([f"data.root={json.dumps(str(args.data))}"] if args.data else [])
+    from ctl.data import load_dataset
+
+    dataset = load_dataset(cfg.data.root, cfg.data.domain, cfg.data.min_crop_px)
+    splits = dataset.split(cfg.data.split, cfg.data.seed)
+    queries = load_queries(args.queries, dataset) if args.queries else splits[args.split]
+    features = encode_dataset(dataset, load_backbone(run), cfg.features, queries=queries)
+    print(dataset.report.summary())
+    queries = [q for q in queries if features.has_scene(q)]
+    seen = {p for q in splits["train"] for p in q.positives}
+    result = evaluate(model_scorer(run.model, features), build_candidates(dataset, queries, cfg.eval), seen, cfg.eval)
+    print(markdown_table({run.config.model.variant: summarize([result])}))
+    if args.out:
+        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    from ctl.data import load_dataset, validate_box
+    from ctl.images import load_image
+    from ctl.recommend import Recommender
+    from ctl.train import load_run
+    from ctl.visualize import attention_overlay, ranking_strip, save_png
+
+    run = load_run(args.run)
+    data = args.data or run.config.data.root
+    dataset = load_dataset(data, run.config.data.domain, run.config.data.min_crop_px)
+    box = validate_box(args.box, "--box") if args.box else None
+    image = load_image(args.scene)
+    recommender = Recommender.from_dataset(run, dataset)
+    result = recommender.recommend(image, box, args.category, args.k)
+    for rank, (product, distance) in enumerate(result.products, 1):
+        print(f"{rank:3d}  {product}  d={distance:.4f}  {dataset.image_path(product)}")
+    if args.explain and result.scene.attention is not None:
+        save_png(attention_overlay(result.scene.crop, result.scene.attention), args.explain)
+        print(f"attention map: {args.explain}")
+    if args.strip:
+        from ctl.images import load_image as load
+
+        tiles = [(load(dataset.image_path(p)), f"{i}. d={d:.3f}") for i, (p, d) in enumerate(result.products, 1)]
+        scene = result.scene.crop if result.scene.attention is None else attention_overlay(result.scene.crop, result.scene.attention)
+        save_png(ranking_strip(scene, tiles), args.strip)
+        print(f"ranking picture: {args.strip}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from ctl.pipeline import run_pipeline
+
+    cfg = ensure_data(build_config(args))
+    results = run_pipeline(cfg, args.out, args.variants, list(range(args.seeds)))
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results: {Path(args.out) / 'results.json'}; runs in {Path(args.out) / 'runs'}")
+    del results
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="ctl", description="Complete the Look: recommend products that complete a scene.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help: str, data: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("--config", type=Path, help="a JSON config file (see ctl.config)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value")
+        if data:
+            p.add_argument("--data", type=Path, help="an STL-format folder (default: a small generated dataset)")
+        return p
+
+    def backbone_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--backbone", help="resnet50 (default, needs its weights) or efficientnet-lite0 (offline)")
+        p.add_argument("--weights", help="a state-dict file for the backbone")
+        p.add_argument("--cache-dir", help="where extracted features are cached")
+
+    p = command("features", cmd_features, "extract and cache backbone features of a dataset")
+    backbone_flags(p)
+
+    p = command("train", cmd_train, "train a model into a run folder (resumes if it exists)")
+    backbone_flags(p)
+    p.add_argument("--run", type=Path, required=True, help="the run folder")
+    p.add_argument("--variant", choices=VARIANTS)
+    p.add_argument("--epochs", type=int)
+
+    p = command("evaluate", cmd_evaluate, "evaluate a trained run", data=False)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="the dataset (default: the run's)")
+    p.add_argument("--split", choices=("val", "test"), default="test")
+    p.add_argument("--queries", type=Path, help="an explicit query file (JSON lines) instead of a split")
+    p.add_argument("--out", type=Path, help="write the metrics as JSON here")
+
+    p = command("recommend", cmd_recommend, "recommend catalog products that complete a scene", data=False)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="the catalog's STL folder (default: the run's dataset)")
+    p.add_argument("--scene", type=Path, required=True, help="the scene image (any common format)")
+    p.add_argument("--box", type=float, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"), help="the region to fill, normalised to [0, 1] (default: none, the whole scene is context)")
+    p.add_argument("--category", required=True)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--explain", type=Path, help="save the attention map over the scene as a PNG")
+    p.add_argument("--strip", type=Path, help="save the scene and the ranked products as one PNG")
+
+    p = command("run", cmd_run, "the whole pipeline: features, every variant, baselines, one results table")
+    backbone_flags(p)
+    p.add_argument("--out", type=Path, default=Path("out"), help="where runs and results go (default: ./out)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--seeds", type=int, default=1, help="train each variant with this many seeds")
+    p.add_argument("--epochs", type=int)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError) as err:
+        print(f"ctl {args.command}: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

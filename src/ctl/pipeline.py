@@ -1,0 +1,88 @@
+"""The whole pipeline on one dataset: features, every model variant, baselines, one table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from ctl.backbones import create_backbone
+from ctl.config import VARIANTS, Config
+from ctl.data import Dataset, load_dataset
+from ctl.evaluate import (
+    build_candidates,
+    evaluate,
+    markdown_table,
+    model_scorer,
+    popularity_scorer,
+    random_scorer,
+    raw_feature_scorer,
+    summarize,
+)
+from ctl.features import DatasetFeatures, encode_dataset
+from ctl.io import write_text_atomic
+from ctl.train import train
+
+
+def prepare(cfg: Config, progress: bool = True) -> tuple[Dataset, DatasetFeatures]:
+    """Load the dataset and its backbone features (from the cache where they are already there)."""
+    dataset = load_dataset(cfg.data.root, cfg.data.domain, cfg.data.min_crop_px)
+    backbone = create_backbone(cfg.features.backbone, cfg.features.weights)
+    features = encode_dataset(dataset, backbone, cfg.features, progress=progress)
+    if progress:
+        print(dataset.report.summary())
+    return dataset, features
+
+
+def run_pipeline(
+    cfg: Config,
+    out: str | Path,
+    variants: Sequence[str] = VARIANTS,
+    seeds: Sequence[int] = (0,),
+    progress: bool = True,
+) -> dict:
+    """Train each variant for each seed into ``out/runs`` and write ``out/results.{json,md}``.
+
+    Every method is evaluated on the same candidates of the validation and the test split."""
+    out = Path(out)
+    dataset, features = prepare(cfg, progress)
+    splits = dataset.split(cfg.data.split, cfg.data.seed)
+    seen = {p for q in splits["train"] for p in q.positives}
+    candidates = {name: build_candidates(dataset, splits[name], cfg.eval) for name in ("val", "test")}
+
+    def score_all(scorer) -> dict:
+        return {name: evaluate(scorer, cands, seen, cfg.eval) for name, cands in candidates.items()}
+
+    runs: dict[str, list[dict]] = {
+        "random": [score_all(random_scorer(cfg.eval.seed + s)) for s in seeds],
+        "popularity": [score_all(popularity_scorer(splits["train"]))],
+        f"raw {features.backbone['name']} features": [score_all(raw_feature_scorer(features))],
+    }
+    for variant in variants:
+        for seed in seeds:
+            run_cfg = cfg.override([f"model.variant={variant}", f"train.seed={seed}"])
+            run = train(run_cfg, dataset, features, out / "runs" / f"{variant}-seed{seed}", progress)
+            runs.setdefault(variant, []).append(score_all(model_scorer(run.model, features)))
+
+    results = {
+        "dataset": str(dataset.root),
+        "backbone": features.backbone,
+        "seeds": list(seeds),
+        "config": cfg.to_dict(),
+        "splits": {name: len(c) for name, c in candidates.items()},
+        "skipped": dataset.report.counts(),
+        "methods": {m: {split: summarize([r[split] for r in rs]) for split in candidates} for m, rs in runs.items()},
+    }
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.md", results_markdown(results))
+    return results
+
+
+def results_markdown(results: dict) -> str:
+    columns = ("auc", "fitb", *[f"hr@{k}" for k in results["config"]["eval"]["hit_ks"]], "mrr")
+    parts = [f"Dataset `{results['dataset']}`, backbone `{results['backbone']['name']}`, seeds {results['seeds']}.\n"]
+    for split in ("val", "test"):
+        by_method = {m: s[split] for m, s in results["methods"].items()}
+        for group, title in (("overall", "all queries"), ("novelty:new", "queries whose positive is new (never a training positive)")):
+            parts.append(f"**{split} split, {title}**\n\n{markdown_table(by_method, group, columns)}\n")
+    return "\n".join(parts)
