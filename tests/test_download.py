@@ -96,15 +96,15 @@ def test_faults_end_as_expected_and_a_second_run_fetches_only_failures(tmp_path)
 
 
 def test_rate_limiter_allows_a_burst_then_spaces_requests():
-    limiter = RateLimiter(rate=50, burst=3)
+    limiter = RateLimiter(rate=10, burst=3)
     waits = [limiter.reserve() for _ in range(6)]
-    assert waits == pytest.approx([0, 0, 0, 0.02, 0.04, 0.06], abs=0.005)
+    assert waits == pytest.approx([0, 0, 0, 0.1, 0.2, 0.3], abs=0.03)
     limiter.pause(1.0)
-    assert limiter.reserve() == pytest.approx(1.0, abs=0.01)
+    assert limiter.reserve() == pytest.approx(1.0, abs=0.03)
     unlimited = RateLimiter(rate=0, burst=8)
-    assert [unlimited.reserve() for _ in range(100)] == pytest.approx([0] * 100, abs=0.005)
+    assert [unlimited.reserve() for _ in range(100)] == [0.0] * 100
     unlimited.pause(0.5)
-    assert unlimited.reserve() == pytest.approx(0.5, abs=0.01)
+    assert unlimited.reserve() == pytest.approx(0.5, abs=0.03)
 
 
 def test_rate_is_shared_by_all_connections(tmp_path):
