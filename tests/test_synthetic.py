@@ -4,8 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ctl.data import context_box, load_dataset
 from ctl.images import crop, load_image
-from ctl.synthetic import MANIFEST, context_box, generate
+from ctl.synthetic import MANIFEST, generate
 
 SMALL = {"scenes": 40, "products_per_category": 12, "categories": 3}
 
@@ -45,6 +46,8 @@ def test_layout_parses_as_stl(small: Path) -> None:
         assert pair["product"] in categories and pair["scene"] not in categories
         left, top, right, bottom = pair["bbox"]
         assert 0 <= left < right <= 1 and 0 <= top < bottom <= 1
+    dataset = load_dataset(small)
+    assert not dataset.report.counts() and len(dataset.categories) == len(categories)
 
 
 def test_scenes_and_keys_with_several_answers(small: Path) -> None:
@@ -112,8 +115,3 @@ def test_product_matches_its_scene_context_in_colour(small: Path) -> None:
         negative = negatives[rng.integers(len(negatives))]
         wins.append(np.linalg.norm(colours[pair["product"]] - context) < np.linalg.norm(colours[negative] - context))
     assert np.mean(wins) > 0.8
-
-
-def test_context_box_is_the_largest_region_around_the_box() -> None:
-    assert context_box((0.1, 0.2, 0.3, 0.4)) == (0.3, 0, 1, 1)  # right of the box
-    assert context_box((0.2, 0.6, 0.8, 0.9)) == (0, 0, 1, 0.6)  # above the box

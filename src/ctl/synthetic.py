@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ctl.data import context_box
+from ctl.images import Box
 from ctl.io import write_bytes_atomic, write_text_atomic
 
-Box = tuple[float, float, float, float]  # left, top, right, bottom, normalised to [0, 1]
 PixelBox = tuple[int, int, int, int]
 
 GENERATOR_VERSION = 1  # bump when the drawing changes, so existing datasets are regenerated
@@ -182,13 +183,6 @@ def generate(
     write_text_atomic(files[1], json.dumps(catalog, indent=0) + "\n")
     write_text_atomic(out / MANIFEST, json.dumps(params, indent=2) + "\n")
     return out
-
-
-def context_box(box: Box) -> Box:
-    """The largest of the four regions above, below, left and right of ``box``: what the model sees of a scene."""
-    left, top, right, bottom = box
-    regions = [(0, 0, 1, top), (0, bottom, 1, 1), (0, 0, left, 1), (right, 0, 1, 1)]
-    return max(regions, key=lambda r: (r[2] - r[0]) * (r[3] - r[1]))
 
 
 def _read_manifest(path: Path) -> dict | None:
