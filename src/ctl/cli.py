@@ -84,29 +84,78 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_recommend(args: argparse.Namespace) -> None:
     from ctl.data import load_dataset, validate_box
     from ctl.images import load_image
-    from ctl.recommend import Recommender
+    from ctl.recommend import Recommender, load_backbone
     from ctl.train import load_run
     from ctl.visualize import attention_overlay, ranking_strip, save_png
 
     run = load_run(args.run)
-    data = args.data or run.config.data.root
-    dataset = load_dataset(data, run.config.data.domain, run.config.data.min_crop_px)
     box = validate_box(args.box, "--box") if args.box else None
     image = load_image(args.scene)
-    recommender = Recommender.from_dataset(run, dataset)
+    if args.index:
+        from ctl.index import CatalogIndex, IndexedRecommender
+
+        index = CatalogIndex.load(args.index, run)
+        recommender = IndexedRecommender(run, load_backbone(run), index)
+        image_path = index.image_path
+    else:
+        data = args.data or run.config.data.root
+        dataset = load_dataset(data, run.config.data.domain, run.config.data.min_crop_px)
+        recommender = Recommender.from_dataset(run, dataset)
+        image_path = dataset.image_path
     result = recommender.recommend(image, box, args.category, args.k)
     for rank, (product, distance) in enumerate(result.products, 1):
-        print(f"{rank:3d}  {product}  d={distance:.4f}  {dataset.image_path(product)}")
+        print(f"{rank:3d}  {product}  d={distance:.4f}  {image_path(product)}")
     if args.explain and result.scene.attention is not None:
         save_png(attention_overlay(result.scene.crop, result.scene.attention), args.explain)
         print(f"attention map: {args.explain}")
     if args.strip:
         from ctl.images import load_image as load
 
-        tiles = [(load(dataset.image_path(p)), f"{i}. d={d:.3f}") for i, (p, d) in enumerate(result.products, 1)]
+        tiles = [(load(image_path(p)), f"{i}. d={d:.3f}") for i, (p, d) in enumerate(result.products, 1)]
         scene = result.scene.crop if result.scene.attention is None else attention_overlay(result.scene.crop, result.scene.attention)
         save_png(ranking_strip(scene, tiles), args.strip)
         print(f"ranking picture: {args.strip}")
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from ctl.data import load_dataset
+    from ctl.index import build_index
+    from ctl.recommend import load_backbone
+    from ctl.train import load_run
+
+    run = load_run(args.run)
+    data = args.data or run.config.data.root
+    dataset = load_dataset(data, run.config.data.domain, run.config.data.min_crop_px)
+    index, report = build_index(args.out, run, load_backbone(run), dataset, kind=args.kind, rebuild=args.rebuild)
+    kinds = ", ".join(sorted({shelf.kind for shelf in index.shelves.values()}))
+    print(f"{args.out}: {len(index)} products in {len(index.categories)} categories ({kinds}); added {report.added}, removed {report.removed}")
+    for path, reason in list(report.left_out.items())[:5]:
+        print(f"  left out {path}: {reason}")
+    if len(report.left_out) > 5:
+        print(f"  ... {len(report.left_out)} left out in all")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from ctl.data import load_dataset
+    from ctl.index import CatalogIndex, IndexedRecommender
+    from ctl.recommend import load_backbone
+    from ctl.serve import create_app, pick_examples
+    from ctl.train import load_run
+
+    run = load_run(args.run)
+    index = CatalogIndex.load(args.index, run)
+    examples = []
+    data = args.data or run.config.data.root
+    if args.examples and data and Path(data).expanduser().is_dir():
+        dataset = load_dataset(data, run.config.data.domain, run.config.data.min_crop_px)
+        examples = pick_examples(dataset, list(index.categories), args.examples, run.config.data)
+    elif args.examples:
+        print(f"no example scenes: the dataset {data or '(none)'} is not here; pass --data")
+    app = create_app(IndexedRecommender(run, load_backbone(run), index), examples, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    print(f"serving {len(index)} products on http://{args.host}:{args.port}/ (API docs: /docs)")
+    uvicorn.run(app, host=args.host, port=args.port)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -162,6 +211,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--explain", type=Path, help="save the attention map over the scene as a PNG")
     p.add_argument("--strip", type=Path, help="save the scene and the ranked products as one PNG")
+    p.add_argument("--index", type=Path, help="rank with this catalog index (ctl index) instead of embedding the catalog")
+
+    p = command("index", cmd_index, "index a run's embeddings of the catalog for fast search (updates an existing index)", data=False)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="the catalog's STL folder (default: the run's dataset)")
+    p.add_argument("--out", type=Path, required=True, help="the index folder")
+    p.add_argument("--kind", choices=("auto", "flat", "ivf", "hnsw"), help="exact (flat) or approximate search; auto: flat up to 50k products per category, IVF above")
+    p.add_argument("--rebuild", action="store_true", help="start afresh instead of updating the index in --out")
+
+    p = command("serve", cmd_serve, "serve the HTTP API and the web page", data=False)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--index", type=Path, required=True, help="the run's catalog index (ctl index)")
+    p.add_argument("--data", type=Path, help="where the example scenes come from (default: the run's dataset)")
+    p.add_argument("--examples", type=int, default=6, help="how many test-split scenes the page offers (default: 6)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="the largest scene upload accepted (default: 10)")
 
     p = command("run", cmd_run, "the whole pipeline: features, every variant, baselines, one results table")
     backbone_flags(p)
