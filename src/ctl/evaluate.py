@@ -103,8 +103,8 @@ def raw_feature_scorer(features: DatasetFeatures) -> Scorer:
     return score
 
 
-@torch.no_grad()
 def model_scorer(model: CompleteTheLook, features: DatasetFeatures, batch_size: int = 256) -> Scorer:
+    @torch.no_grad()
     def score(candidates: list[Candidates]) -> list[np.ndarray]:
         model.eval()
         products = model.embed_products(torch.from_numpy(features.product_global).float())
