@@ -35,7 +35,7 @@ PREPROCESS_VERSION = 1  # bump whenever preprocess() changes what it returns: it
 RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(OSError):
     """Pretrained weights could not be fetched; the message says how to provide them."""
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ctl.config import VARIANTS, Config
+from ctl.download import IMAGE_URL
 
 DEFAULT_DATA = Path("~/.cache/ctl/synthetic").expanduser()
 
@@ -158,6 +159,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port)
 
 
+def cmd_download(args: argparse.Namespace) -> None:
+    from ctl.download import download, fetch_official
+
+    if args.domain:
+        args.pairs, args.categories = fetch_official(args.domain, args.out, timeout=args.timeout)
+    elif not (args.pairs and args.categories):
+        raise ValueError("name the official files: --domain fashion|home, or --pairs FILE and --categories FILE")
+    summary = download(
+        args.pairs,
+        args.categories,
+        args.out,
+        url_template=args.url_template,
+        connections=args.connections,
+        rate=args.rate,
+        retries=args.retries,
+        timeout=args.timeout,
+        max_failure_rate=args.max_failure_rate,
+    )
+    print(summary.report())
+    if not summary.passed:
+        sys.exit(1)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from ctl.pipeline import run_pipeline
 
@@ -228,6 +252,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="the address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="the largest scene upload accepted (default: 10)")
+
+    p = command("download", cmd_download, "download the official STL images into an STL-format folder (resumable)", data=False)
+    p.add_argument("--domain", choices=("fashion", "home"), help="fetch the official pairs and category files too (needs the internet)")
+    p.add_argument("--pairs", type=Path, help="the pairs file (JSON lines), e.g. fashion.json")
+    p.add_argument("--categories", type=Path, help="the category file, e.g. fashion-cat.json")
+    p.add_argument("--out", type=Path, required=True, help="the STL folder to fill")
+    p.add_argument("--url-template", default=IMAGE_URL, help="image URL with {s} for the signature and {s[a:b]} for slices")
+    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--rate", type=float, default=20.0, help="requests per second at most, all connections together (0: no limit)")
+    p.add_argument("--retries", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument("--max-failure-rate", type=float, default=0.05, help="exit 1 when more than this share of images failed")
 
     p = command("run", cmd_run, "the whole pipeline: features, every variant, baselines, one results table")
     backbone_flags(p)

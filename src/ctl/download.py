@@ -46,7 +46,7 @@ _SIG = re.compile(r"[0-9a-f]{32}")
 _FIELD = re.compile(r"\{s(?:\[(\d*):(\d*)\])?\}")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(OSError):
     """A download that cannot go on; the message says what to do instead."""
 
 
