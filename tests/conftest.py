@@ -88,3 +88,30 @@ def _live_server(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@dataclass
+class Prepared:
+    """A generated dataset with its backbone features, ready for training."""
+
+    cfg: Config
+    dataset: Dataset
+    features: object  # ctl.features.DatasetFeatures
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Prepared:
+    from ctl.pipeline import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    generate(root / "data", scenes=160, products_per_category=15, categories=3)
+    cfg = Config().override([
+        f"data.root={json.dumps(str(root / 'data'))}",
+        'features.backbone="efficientnet-lite0"',
+        "features.image_size=128",
+        f"features.cache_dir={json.dumps(str(root / 'cache'))}",
+        "train.epochs=12",
+        "train.batch_size=64",
+    ])
+    dataset, features = prepare(cfg, progress=False)
+    return Prepared(cfg, dataset, features)

@@ -86,6 +86,7 @@ def train(cfg: Config, dataset: Dataset, features: DatasetFeatures, run_dir: str
     categories = dataset.category_names
     _prepare_run_folder(run_dir, cfg, features.backbone, categories)
 
+    torch.manual_seed(tc.seed)
     model = build_model(cfg, features.backbone, categories).to(tc.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
