@@ -89,6 +89,8 @@ def test_validate_box_accepts_and_returns_floats():
         ([0.1, 0.2, 0.3], "four numbers"),
         ([0.1, 0.2, 0.3, 0.4, 0.5], "four numbers"),
         (["a", 0.2, 0.3, 0.4], "four numbers"),
+        (["0.1", 0.2, 0.3, 0.4], "four numbers"),  # a numeric string is still not a number
+        ([True, 0, 1, 1], "four numbers"),
         ([None, 0.2, 0.3, 0.4], "four numbers"),
         ([[0.1], 0.2, 0.3, 0.4], "four numbers"),
         ("0.1,0.2,0.3,0.4", "four numbers"),

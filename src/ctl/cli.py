@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from ctl.data import load_queries
+    from ctl.data import load_dataset, load_queries
     from ctl.evaluate import build_candidates, evaluate, markdown_table, model_scorer, summarize
     from ctl.features import encode_dataset
     from ctl.io import write_text_atomic
@@ -67,8 +67,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     run = load_run(args.run)
     cfg = run.config.override([f"data.root={json.dumps(str(args.data))}"] if args.data else [])
-    from ctl.data import load_dataset
-
     dataset = load_dataset(cfg.data.root, cfg.data.domain, cfg.data.min_crop_px)
     splits = dataset.split(cfg.data.split, cfg.data.seed)
     queries = load_queries(args.queries, dataset) if args.queries else splits[args.split]
@@ -110,9 +108,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         save_png(attention_overlay(result.scene.crop, result.scene.attention), args.explain)
         print(f"attention map: {args.explain}")
     if args.strip:
-        from ctl.images import load_image as load
-
-        tiles = [(load(image_path(p)), f"{i}. d={d:.3f}") for i, (p, d) in enumerate(result.products, 1)]
+        tiles = [(load_image(image_path(p)), f"{i}. d={d:.3f}") for i, (p, d) in enumerate(result.products, 1)]
         scene = result.scene.crop if result.scene.attention is None else attention_overlay(result.scene.crop, result.scene.attention)
         save_png(ranking_strip(scene, tiles), args.strip)
         print(f"ranking picture: {args.strip}")

@@ -83,12 +83,10 @@ def context_box(bbox: Box | None) -> Box:
 
 def validate_box(raw, name: str) -> Box:
     """A normalised (left, top, right, bottom) box, or a ValueError naming ``name``."""
-    if not isinstance(raw, (list, tuple)) or len(raw) != 4:
+    numbers = isinstance(raw, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
+    if not numbers or len(raw) != 4:
         raise ValueError(f"{name}: box must be four numbers [left, top, right, bottom], got {raw!r}")
-    try:
-        box = tuple(float(v) for v in raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: box must be four numbers [left, top, right, bottom], got {raw!r}") from None
+    box = tuple(float(v) for v in raw)
     left, top, right, bottom = box
     if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in box):
         raise ValueError(f"{name}: box {list(box)} lies outside [0, 1]")
@@ -315,6 +313,9 @@ def load_queries(path: str | Path, dataset: Dataset) -> list[Query]:
             continue
         except (ValueError, TypeError) as err:
             report.add(name, f"bad query: {err}")
+            continue
+        if query.category not in dataset.category_names:
+            report.add(name, f"unknown category: {query.category}")
             continue
         unknown = [p for p in query.positives + query.negatives if p not in dataset.categories]
         if unknown:

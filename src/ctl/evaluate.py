@@ -22,8 +22,6 @@ from ctl.data import Dataset, Query
 from ctl.features import DatasetFeatures
 from ctl.model import CompleteTheLook
 
-METRICS = ("auc", "fitb", "hr@1", "hr@10", "mrr")
-
 
 @dataclass(frozen=True)
 class Candidates:
@@ -58,9 +56,10 @@ def rank_metrics(distances: np.ndarray, num_positives: int, fitb_negatives: int 
     best = pos.min()
     ahead, tied = int((neg < best).sum()), int((neg == best).sum())
     ranks = np.arange(ahead + 1, ahead + tied + 2)  # equally likely ranks of the best positive
-    metrics = {"auc": float(auc), "fitb": float(fitb), "mrr": float((1.0 / ranks).mean())}
+    metrics = {"auc": float(auc), "fitb": float(fitb)}
     for k in ks:
         metrics[f"hr@{k}"] = float((ranks <= k).mean())
+    metrics["mrr"] = float((1.0 / ranks).mean())
     return metrics
 
 
@@ -147,9 +146,13 @@ def summarize(runs: Sequence[dict]) -> dict:
     return out
 
 
-def markdown_table(results: dict[str, dict], group: str = "overall", columns: Sequence[str] = METRICS) -> str:
+def markdown_table(results: dict[str, dict], group: str = "overall") -> str:
     """One row per method; a cell is ``mean`` or ``mean ± std`` when the method ran over several seeds."""
-    header = f"| method | {' | '.join(c.upper() if c != 'mrr' else 'MRR' for c in columns)} | queries |"
+    present = [summary[group] for summary in results.values() if group in summary]
+    if not present:
+        return f"(no {group} queries)"
+    columns = [m for m in present[0] if m != "count"]
+    header = f"| method | {' | '.join(c.upper() for c in columns)} | queries |"
     lines = [header, "|" + " --- |" * (len(columns) + 2)]
     for method, summary in results.items():
         if group not in summary:

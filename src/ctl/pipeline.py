@@ -79,10 +79,9 @@ def run_pipeline(
 
 
 def results_markdown(results: dict) -> str:
-    columns = ("auc", "fitb", *[f"hr@{k}" for k in results["config"]["eval"]["hit_ks"]], "mrr")
     parts = [f"Dataset `{results['dataset']}`, backbone `{results['backbone']['name']}`, seeds {results['seeds']}.\n"]
     for split in ("val", "test"):
         by_method = {m: s[split] for m, s in results["methods"].items()}
         for group, title in (("overall", "all queries"), ("novelty:new", "queries whose positive is new (never a training positive)")):
-            parts.append(f"**{split} split, {title}**\n\n{markdown_table(by_method, group, columns)}\n")
+            parts.append(f"**{split} split, {title}**\n\n{markdown_table(by_method, group)}\n")
     return "\n".join(parts)
