@@ -91,8 +91,8 @@ class CategoryEmbedding(nn.Module):
 @dataclass
 class SceneEmbedding:
     global_: torch.Tensor  # f_s (B, D)
-    local: torch.Tensor  # f_i (B, N, D)
-    keys: torch.Tensor  # k_i (B, N, D)
+    local: torch.Tensor | None  # f_i (B, N, D); None for the global-only variant
+    keys: torch.Tensor | None  # k_i (B, N, D); None where the attention does not use them
 
 
 class CompleteTheLook(nn.Module):
@@ -112,14 +112,21 @@ class CompleteTheLook(nn.Module):
         return self.global_g(product_global)
 
     def embed_scenes(self, scene_global: torch.Tensor, scene_local: torch.Tensor) -> SceneEmbedding:
-        """scene_local: (B, N, C) region features (a flattened H x W map)."""
-        return SceneEmbedding(self.global_g(scene_global), self.local_g(scene_local), self.key_g(scene_local))
+        """scene_local: (B, N, C) region features (a flattened H x W map).
+
+        The local heads are the bulk of the work (N rows per scene): only what the variant uses is run."""
+        uses_local = self.weights[1] > 0
+        return SceneEmbedding(
+            self.global_g(scene_global),
+            self.local_g(scene_local) if uses_local else None,
+            self.key_g(scene_local) if uses_local and self.variant != "full-no-category" else None,
+        )
 
     def attention(self, scene: SceneEmbedding, category: torch.Tensor) -> torch.Tensor:
         """(B, N) weights over regions, summing to one; uniform for the no-category variant."""
         if self.variant == "full-no-category":
-            batch, n = scene.keys.shape[:2]
-            return torch.full((batch, n), 1.0 / n, device=scene.keys.device)
+            batch, n = scene.local.shape[:2]
+            return torch.full((batch, n), 1.0 / n, device=scene.local.device)
         e_c = self.category(category)
         return torch.softmax(-((scene.keys - e_c[:, None, :]) ** 2).sum(-1), dim=1)
 
