@@ -1,10 +1,10 @@
 """A small Shop-The-Look-format dataset drawn by code: licence-free, deterministic from a seed, seconds to make.
 
-Every scene has a style: a colour and a texture (plain, stripes, dots or checks). The other items
-of the outfit, drawn around a product's box, carry that style, and so do the product in the box and
-its catalog image. Catalog products of each category come in every style, so the product that goes
-with a scene can be told from its same-category negatives only by reading the scene's context: the
-largest region around the box, which is all the model sees of the scene.
+Every scene has a style: one of twelve colours and a texture (plain, stripes, dots or checks).
+The other items of the outfit, drawn around a product's box, carry that style, and so do the
+product in the box and its catalog image. Catalog products of each category come in every style,
+so the product that goes with a scene can be told from its same-category negatives only by
+reading the scene's context: the largest region around the box, which is all the model sees.
 
 Nuisance on top: muted backgrounds with a floor and neutral clutter, grids of 2-4 rows and columns,
 jittered item sizes and positions, loose boxes, an occasional item in another style, per-item colour
@@ -17,7 +17,7 @@ import colorsys
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +30,14 @@ from ctl.io import write_bytes_atomic, write_text_atomic
 
 PixelBox = tuple[int, int, int, int]
 
-GENERATOR_VERSION = 1  # bump when the drawing changes, so existing datasets are regenerated
+GENERATOR_VERSION = 2  # bump when the drawing changes, so existing datasets are regenerated
 MANIFEST = "synthetic-manifest.json"  # beside <domain>.json, so not "synthetic.json"
 TEXTURES = ("plain", "stripes", "dots", "checks")
+# Named fashion colours as (hue, saturation, value): styles recur across scenes, as they do in real outfits.
+PALETTE = (
+    (0.0, 0.8, 0.8), (0.07, 0.85, 0.9), (0.13, 0.8, 0.8), (0.2, 0.7, 0.55), (0.33, 0.7, 0.6), (0.47, 0.75, 0.6),
+    (0.55, 0.6, 0.9), (0.62, 0.8, 0.5), (0.75, 0.6, 0.7), (0.9, 0.55, 0.9), (0.95, 0.8, 0.5), (0.06, 0.7, 0.5),
+)
 
 # Shapes in unit coordinates (x right, y down): ("poly", points), ("ellipse", box) or ("line", points, width).
 Part = tuple
@@ -101,7 +106,7 @@ def _dresses(v: np.ndarray) -> Shape:
 class Category:
     path: str
     aspect: float  # width / height of the shape
-    shape: object  # (variant: np.ndarray) -> Shape
+    shape: Callable[[np.ndarray], Shape]  # the shape, given the product's proportions
 
 
 CATEGORIES = (
@@ -141,7 +146,7 @@ class SceneSpec:
 
 
 def generate(
-    out: Path,
+    out: str | Path,
     *,
     scenes: int = 300,
     products_per_category: int = 120,
@@ -197,10 +202,8 @@ def _sig(domain: str, seed: int, kind: str, index: int) -> str:
 
 
 def _random_style(rng: np.random.Generator) -> Style:
-    return Style(
-        hue=float(rng.uniform()), sat=float(rng.uniform(0.55, 0.9)), val=float(rng.uniform(0.5, 0.9)),
-        texture=TEXTURES[rng.integers(len(TEXTURES))], light_accent=bool(rng.integers(2)),
-    )
+    colour = PALETTE[rng.integers(len(PALETTE))]
+    return Style(*colour, texture=TEXTURES[rng.integers(len(TEXTURES))], light_accent=bool(rng.integers(2)))
 
 
 def _plan(
