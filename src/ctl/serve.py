@@ -132,8 +132,11 @@ def parse_box(text: str | None) -> Box | None:
     """"l,t,r,b" or "[l, t, r, b]" in [0, 1]; empty means no box."""
     if text is None or not text.strip():
         return None
-    parts = [p.strip() for p in text.strip().strip("[]").split(",")]
-    return validate_box(parts, "box")
+    try:
+        values: object = [float(part) for part in text.strip().strip("[]").split(",")]
+    except ValueError:
+        values = text  # not numbers: validate_box says so
+    return validate_box(values, "box")
 
 
 def read_scene(upload: UploadFile, max_bytes: int, max_pixels: int) -> Image.Image:
