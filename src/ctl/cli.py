@@ -133,6 +133,9 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
     import uvicorn
 
     from ctl.data import load_dataset
@@ -150,7 +153,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         examples = pick_examples(dataset, list(index.categories), args.examples, run.config.data)
     elif args.examples:
         print(f"no example scenes: the dataset {data or '(none)'} is not here; pass --data")
-    app = create_app(IndexedRecommender(run, load_backbone(run), index), examples, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    # One core per scene and as many scenes at once as cores: with concurrent requests this beats
+    # torch's intra-op threads, which stall when another request's thread takes their core.
+    torch.set_num_threads(1)
+    concurrency = args.concurrency or os.cpu_count() or 1
+    recommender = IndexedRecommender(run, load_backbone(run), index)
+    app = create_app(recommender, examples, max_upload_bytes=int(args.max_upload_mb * 2**20), concurrency=concurrency)
     print(f"serving {len(index)} products on http://{args.host}:{args.port}/ (API docs: /docs)")
     uvicorn.run(app, host=args.host, port=args.port)
 
@@ -248,6 +256,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="the address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="the largest scene upload accepted (default: 10)")
+    p.add_argument("--concurrency", type=int, help="scenes embedded at once, one core each (default: the number of cores)")
 
     p = command("download", cmd_download, "download the official STL images into an STL-format folder (resumable)", data=False)
     p.add_argument("--domain", choices=("fashion", "home"), help="fetch the official pairs and category files too (needs the internet)")

@@ -15,6 +15,7 @@ bounded in-memory LRU, so run one server process (one uvicorn worker) per catalo
 from __future__ import annotations
 
 import io
+import itertools
 import secrets
 import threading
 from collections import OrderedDict
@@ -32,7 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 
 from ctl.config import DataConfig
-from ctl.data import Dataset, validate_box
+from ctl.data import Dataset, Query, validate_box
 from ctl.images import Box, ImageError, decode_image
 from ctl.index import IndexedRecommender
 from ctl.visualize import attention_overlay
@@ -55,18 +56,14 @@ class Example:
 
 
 def pick_examples(dataset: Dataset, categories: Sequence[str], count: int, data: DataConfig) -> list[Example]:
-    """Up to ``count`` test-split scenes, one per scene, taking the categories in turn."""
-    by_category: dict[str, list] = {c: [] for c in sorted(categories)}
+    """Up to ``count`` test-split scenes, each scene once, taking the categories in turn."""
+    queues: dict[str, list[Query]] = {c: [] for c in sorted(categories)}
     for query in dataset.split(data.split, data.seed)["test"]:
-        if query.category in by_category:
-            by_category[query.category].append(query)
+        queues.get(query.category, []).append(query)
     examples, scenes = [], set()
-    while len(examples) < count and any(by_category.values()):
-        for queue in by_category.values():
-            while queue and queue[0].scene in scenes:
-                queue.pop(0)
-            if queue and len(examples) < count:
-                query = queue.pop(0)
+    for turn in itertools.zip_longest(*queues.values()):
+        for query in turn:
+            if query is not None and query.scene not in scenes and len(examples) < count:
                 scenes.add(query.scene)
                 examples.append(Example(query.scene, dataset.image_path(query.scene), query.category, query.bbox))
     return examples
@@ -129,7 +126,7 @@ class BodyLimit:
 
 
 def parse_box(text: str | None) -> Box | None:
-    """"l,t,r,b" or "[l, t, r, b]" in [0, 1]; empty means no box."""
+    """A box from the text "l,t,r,b" or "[l, t, r, b]", in [0, 1]; no text, no box."""
     if text is None or not text.strip():
         return None
     try:
@@ -168,12 +165,14 @@ def create_app(
     max_pixels: int = MAX_PIXELS,
     max_k: int = MAX_K,
     attention_capacity: int = 256,
+    concurrency: int = 1,
 ) -> FastAPI:
+    """The app; ``concurrency`` scenes go through the backbone at once (each with torch's threads: see ctl serve)."""
     index = recommender.index
     known = set(recommender.run.model.category.categories)
     categories = {c: n for c, n in index.categories.items() if c in known}  # the model needs e_c
     maps = AttentionMaps(attention_capacity)
-    model_lock = threading.Lock()  # one scene through the backbone at a time: it uses every core already
+    inference = threading.BoundedSemaphore(concurrency)
 
     app = FastAPI(
         title="Complete the Look",
@@ -265,7 +264,7 @@ def create_app(
         scene = read_scene(image, max_upload_bytes, max_pixels)
         # One query per search: FAISS's OpenMP threads only contend with other requests. The setting is per thread.
         faiss.omp_set_num_threads(1)
-        with model_lock:
+        with inference:
             result = recommender.recommend(scene, region, category, count)
         attention = result.scene.attention
         return {
