@@ -59,7 +59,7 @@ async function setScene(blob, name) {
     setStatus(`${name}: this browser cannot show it; it is sent as it is`, true);
   }
   Object.assign(state, { blob, name, image, box: null });
-  const scale = Math.min(1, MAX_SIDE / Math.max(image.naturalWidth || 1, image.naturalHeight || 1));
+  const scale = MAX_SIDE / Math.max(image.naturalWidth || 1, image.naturalHeight || 1);  // small scenes grow, to draw on
   canvas.width = Math.max(1, Math.round((image.naturalWidth || MAX_SIDE) * scale));
   canvas.height = Math.max(1, Math.round((image.naturalHeight || MAX_SIDE) * scale));
   $("placeholder").hidden = true;
