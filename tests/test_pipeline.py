@@ -32,6 +32,8 @@ def test_results_are_written_as_json_and_markdown(pipeline_out):
     for method in ("random", "popularity", "raw efficientnet-lite0 features", "full"):
         assert f"| {method} |" in table
     assert set(results["methods"]["full"]["test"]) >= {"overall", "novelty:new"}
+    rankings = Image.open(out / "rankings-full.png")
+    assert rankings.height > rankings.width / 10  # one strip per test scene, stacked
     assert any(key.startswith("category:") for key in results["methods"]["full"]["test"])
 
 

@@ -83,9 +83,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_recommend(args: argparse.Namespace) -> None:
     from ctl.data import load_dataset, validate_box
     from ctl.images import load_image
-    from ctl.recommend import Recommender, load_backbone
+    from ctl.recommend import Recommender, load_backbone, ranking_picture
     from ctl.train import load_run
-    from ctl.visualize import attention_overlay, ranking_strip, save_png
+    from ctl.visualize import attention_overlay, save_png
 
     run = load_run(args.run)
     box = validate_box(args.box, "--box") if args.box else None
@@ -108,9 +108,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         save_png(attention_overlay(result.scene.crop, result.scene.attention), args.explain)
         print(f"attention map: {args.explain}")
     if args.strip:
-        tiles = [(load_image(image_path(p)), f"{i}. d={d:.3f}") for i, (p, d) in enumerate(result.products, 1)]
-        scene = result.scene.crop if result.scene.attention is None else attention_overlay(result.scene.crop, result.scene.attention)
-        save_png(ranking_strip(scene, tiles), args.strip)
+        save_png(ranking_picture(result, image_path), args.strip)
         print(f"ranking picture: {args.strip}")
 
 

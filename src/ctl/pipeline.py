@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ctl.backbones import create_backbone
 from ctl.config import VARIANTS, Config
-from ctl.data import Dataset, load_dataset
+from ctl.data import Dataset, Query, load_dataset
 from ctl.evaluate import (
     build_candidates,
     evaluate,
@@ -20,8 +20,11 @@ from ctl.evaluate import (
     summarize,
 )
 from ctl.features import DatasetFeatures, encode_dataset
+from ctl.images import load_image
 from ctl.io import write_text_atomic
-from ctl.train import train
+from ctl.recommend import Recommender, ranking_picture
+from ctl.train import Run, train
+from ctl.visualize import save_png, stack
 
 
 def prepare(cfg: Config, progress: bool = True) -> tuple[Dataset, DatasetFeatures]:
@@ -40,8 +43,10 @@ def run_pipeline(
     variants: Sequence[str] = VARIANTS,
     seeds: Sequence[int] = (0,),
     progress: bool = True,
+    examples: int = 6,
 ) -> dict:
-    """Train each variant for each seed into ``out/runs`` and write ``out/results.{json,md}``.
+    """Train each variant for each seed into ``out/runs`` and write ``out/results.{json,md}``, and
+    ``out/rankings-<variant>.png``: what the first seed's model recommends for a few test scenes.
 
     Every method is evaluated on the same candidates of the validation and the test split."""
     out = Path(out)
@@ -63,6 +68,8 @@ def run_pipeline(
             run_cfg = cfg.override([f"model.variant={variant}", f"train.seed={seed}"])
             run = train(run_cfg, dataset, features, out / "runs" / f"{variant}-seed{seed}", progress)
             runs.setdefault(variant, []).append(score_all(model_scorer(run.model, features)))
+            if seed == seeds[0]:
+                draw_rankings(run, dataset, splits["test"][:examples], out / f"rankings-{variant}.png")
 
     results = {
         "dataset": str(dataset.root),
@@ -76,6 +83,18 @@ def run_pipeline(
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_text_atomic(out / "results.md", results_markdown(results))
     return results
+
+
+def draw_rankings(run: Run, dataset: Dataset, queries: Sequence[Query], path: Path, k: int = 5) -> None:
+    """The top-k of the whole category's catalog for each query, correct answers marked, as one picture."""
+    if not queries:
+        return
+    recommender = Recommender.from_dataset(run, dataset, progress=False)
+    strips = []
+    for query in queries:
+        result = recommender.recommend(load_image(dataset.image_path(query.scene)), query.bbox, query.category, k)
+        strips.append(ranking_picture(result, dataset.image_path, query.positives))
+    save_png(stack(strips), path)
 
 
 def results_markdown(results: dict) -> str:

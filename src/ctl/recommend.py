@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +13,9 @@ from PIL import Image
 from ctl.backbones import Backbone, create_backbone, preprocess
 from ctl.data import Dataset, context_box
 from ctl.features import FeatureSet, extract_features
-from ctl.images import Box, ImageRef, crop
+from ctl.images import Box, ImageRef, crop, load_image
 from ctl.train import Run, RunError
+from ctl.visualize import attention_overlay, ranking_strip
 
 
 @dataclass
@@ -104,3 +105,14 @@ class Recommender:
             distances = self.run.model.distance_matrix(scene.vector[None], self.embeddings[rows])[0].numpy()
         top = np.argsort(distances, kind="stable")[:k]
         return Recommendation([(self.products[rows[i]], float(distances[i])) for i in top], scene)
+
+
+def ranking_picture(result: Recommendation, image_path: Callable[[str], Path], positives: Collection[str] = ()) -> Image.Image:
+    """The scene crop (with its attention map where the variant has one) followed by the ranked
+    products, each captioned with its rank and distance; known correct answers are marked."""
+    scene = result.scene.crop if result.scene.attention is None else attention_overlay(result.scene.crop, result.scene.attention)
+    tiles = [
+        (load_image(image_path(p)), f"{rank}. d={d:.3f}" + (" CORRECT" if p in positives else ""))
+        for rank, (p, d) in enumerate(result.products, 1)
+    ]
+    return ranking_strip(scene, tiles)

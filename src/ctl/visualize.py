@@ -20,7 +20,7 @@ def heat_colors(values: np.ndarray) -> np.ndarray:
     return ((1 - frac) * stops[low] + frac * stops[low + 1]).astype(np.uint8)
 
 
-def attention_overlay(crop: Image.Image, attention: np.ndarray, alpha: float = 0.55) -> Image.Image:
+def attention_overlay(crop: Image.Image, attention: np.ndarray, alpha: float = 0.45) -> Image.Image:
     """The scene crop with the (H, W) attention grid laid over it as a heat map."""
     peak = attention.max()
     heat = Image.fromarray(heat_colors(attention / peak if peak > 0 else attention))
@@ -38,6 +38,16 @@ def ranking_strip(scene: Image.Image, products: Sequence[tuple[Image.Image, str]
         thumb.thumbnail((tile - 4, tile - 4))
         sheet.paste(thumb, (i * tile + (tile - thumb.width) // 2, (tile - thumb.height) // 2))
         draw.text((i * tile + 4, tile + 3), text, fill="black")
+    return sheet
+
+
+def stack(images: Sequence[Image.Image]) -> Image.Image:
+    """Images one above the other, on white."""
+    sheet = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    top = 0
+    for image in images:
+        sheet.paste(image, (0, top))
+        top += image.height
     return sheet
 
 
