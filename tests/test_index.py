@@ -42,7 +42,7 @@ def test_index_holds_the_catalog(catalog_run, index):
     assert index.categories == {c: len(dataset.catalog(c)) for c in dataset.category_names}
     product = sorted(dataset.categories)[0]
     assert index.image_path(product) == dataset.image_path(product)
-    assert index.category_of(product) == dataset.categories[product]
+    assert index.where[product][0] == dataset.categories[product]
     manifest = json.loads((catalog_run.index_dir / "manifest.json").read_text())
     assert manifest["run"]["backbone"] == "efficientnet-lite0"
     assert {m["kind"] for m in manifest["categories"].values()} == {"flat"}

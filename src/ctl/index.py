@@ -213,9 +213,6 @@ class CatalogIndex:
         """Category -> live products, for categories that have any."""
         return {name: shelf.live for name, shelf in sorted(self.shelves.items()) if shelf.live}
 
-    def category_of(self, product: str) -> str:
-        return self._locate(product)[0]
-
     def image_path(self, product: str) -> Path:
         category, slot = self._locate(product)
         return Path(self.shelves[category].images[slot])
