@@ -28,8 +28,10 @@ import faiss
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 from PIL import Image, UnidentifiedImageError
 
 from ctl.config import DataConfig
@@ -178,6 +180,7 @@ def create_app(
         title="Complete the Look",
         summary="Scene-based complementary product recommendation (Kang et al., CVPR 2019)",
         version="1",
+        docs_url=None,  # served below from a local Swagger UI: FastAPI's default loads it from a CDN
     )
     app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD)
 
@@ -191,6 +194,17 @@ def create_app(
         return FileResponse(WEB / "index.html")
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
+    app.mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - API",
+            swagger_js_url="/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/swagger/swagger-ui.css",
+            swagger_favicon_url="/swagger/favicon-32x32.png",
+        )
 
     @app.get("/v1/health")
     def health() -> dict:
