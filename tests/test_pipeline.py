@@ -78,4 +78,13 @@ def test_evaluate_cli_reads_an_explicit_query_file(pipeline_out, prepared, tmp_p
     code = main(["evaluate", "--run", str(out / "runs" / "full-seed0"), "--queries", str(queries), "--out", str(tmp_path / "m.json")])
     assert code == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["overall"]["count"] == 6
+    assert metrics["full"]["overall"]["count"] == 6
+    assert {"random", "popularity", "raw efficientnet-lite0 features"} < set(metrics)
+    assert "| full |" in capsys.readouterr().out
+
+
+def test_run_commands_reject_an_unknown_setting(pipeline_out, capsys):
+    out, _ = pipeline_out
+    code = main(["evaluate", "--run", str(out / "runs" / "full-seed0"), "--set", "nosuch.key=1"])
+    assert code == 2
+    assert "nosuch.key=1" in capsys.readouterr().err

@@ -54,8 +54,15 @@ def test_interrupted_training_resumes_to_the_same_model(prepared, tmp_path, monk
 
 def test_a_run_folder_refuses_other_settings(prepared, tmp_path):
     train(prepared.cfg.override(["train.epochs=1"]), prepared.dataset, prepared.features, tmp_path / "run", progress=False)
-    with pytest.raises(RunError, match="config.json differs"):
+    with pytest.raises(RunError, match=r"train.lr: 0.001 -> 0.5"):
         train(prepared.cfg.override(["train.epochs=1", "train.lr=0.5"]), prepared.dataset, prepared.features, tmp_path / "run", progress=False)
+
+
+def test_a_finished_run_can_train_longer(prepared, tmp_path):
+    for epochs in (1, 2):
+        train(prepared.cfg.override([f"train.epochs={epochs}"]), prepared.dataset, prepared.features, tmp_path / "run", progress=False)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert load_run(tmp_path / "run").config.train.epochs == 2
 
 
 def test_loading_a_folder_without_a_model_says_what_to_do(tmp_path):

@@ -39,6 +39,23 @@ def ensure_data(cfg: Config) -> Config:
     return cfg.override([f"data.root={json.dumps(str(DEFAULT_DATA))}"])
 
 
+def open_run(args: argparse.Namespace):
+    """A trained run, its config updated by ``--data`` and ``--set`` (e.g. a cache folder, eval settings)."""
+    from ctl.train import load_run
+
+    run = load_run(args.run)
+    data = [f"data.root={json.dumps(str(args.data))}"] if args.data else []
+    run.config = run.config.override(data + list(args.set))
+    return run
+
+
+def run_dataset(run):
+    from ctl.data import load_dataset
+
+    data = run.config.data
+    return load_dataset(data.root, data.domain, data.min_crop_px)
+
+
 def cmd_features(args: argparse.Namespace) -> None:
     from ctl.pipeline import prepare
 
@@ -58,36 +75,40 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from ctl.data import load_dataset, load_queries
-    from ctl.evaluate import build_candidates, evaluate, markdown_table, model_scorer, summarize
+    from ctl.data import load_queries
+    from ctl.evaluate import build_candidates, evaluate, markdown_table, model_scorer, popularity_scorer, random_scorer, raw_feature_scorer, summarize
     from ctl.features import encode_dataset
     from ctl.io import write_text_atomic
     from ctl.recommend import load_backbone
-    from ctl.train import load_run
 
-    run = load_run(args.run)
-    cfg = run.config.override([f"data.root={json.dumps(str(args.data))}"] if args.data else [])
-    dataset = load_dataset(cfg.data.root, cfg.data.domain, cfg.data.min_crop_px)
+    run = open_run(args)
+    cfg = run.config
+    dataset = run_dataset(run)
     splits = dataset.split(cfg.data.split, cfg.data.seed)
     queries = load_queries(args.queries, dataset) if args.queries else splits[args.split]
     features = encode_dataset(dataset, load_backbone(run), cfg.features, queries=queries)
     print(dataset.report.summary())
-    queries = [q for q in queries if features.has_scene(q)]
+    candidates = build_candidates(dataset, [q for q in queries if features.has_scene(q)], cfg.eval)
     seen = {p for q in splits["train"] for p in q.positives}
-    result = evaluate(model_scorer(run.model, features), build_candidates(dataset, queries, cfg.eval), seen, cfg.eval)
-    print(markdown_table({run.config.model.variant: summarize([result])}))
+    scorers = {
+        "random": random_scorer(cfg.eval.seed),
+        "popularity": popularity_scorer(splits["train"]),
+        f"raw {features.backbone['name']} features": raw_feature_scorer(features),
+        cfg.model.variant: model_scorer(run.model, features),
+    }
+    results = {name: evaluate(scorer, candidates, seen, cfg.eval) for name, scorer in scorers.items()}
+    print(markdown_table({name: summarize([r]) for name, r in results.items()}))
     if args.out:
-        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
-    from ctl.data import load_dataset, validate_box
+    from ctl.data import validate_box
     from ctl.images import load_image
     from ctl.recommend import Recommender, load_backbone, ranking_picture
-    from ctl.train import load_run
     from ctl.visualize import attention_overlay, save_png
 
-    run = load_run(args.run)
+    run = open_run(args)
     box = validate_box(args.box, "--box") if args.box else None
     image = load_image(args.scene)
     if args.index:
@@ -97,8 +118,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         recommender = IndexedRecommender(run, load_backbone(run), index)
         image_path = index.image_path
     else:
-        data = args.data or run.config.data.root
-        dataset = load_dataset(data, run.config.data.domain, run.config.data.min_crop_px)
+        dataset = run_dataset(run)
         recommender = Recommender.from_dataset(run, dataset)
         image_path = dataset.image_path
     result = recommender.recommend(image, box, args.category, args.k)
@@ -108,19 +128,16 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         save_png(attention_overlay(result.scene.crop, result.scene.attention), args.explain)
         print(f"attention map: {args.explain}")
     if args.strip:
-        save_png(ranking_picture(result, image_path), args.strip)
+        save_png(ranking_picture(result, image_path, args.category), args.strip)
         print(f"ranking picture: {args.strip}")
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from ctl.data import load_dataset
     from ctl.index import build_index
     from ctl.recommend import load_backbone
-    from ctl.train import load_run
 
-    run = load_run(args.run)
-    data = args.data or run.config.data.root
-    dataset = load_dataset(data, run.config.data.domain, run.config.data.min_crop_px)
+    run = open_run(args)
+    dataset = run_dataset(run)
     index, report = build_index(args.out, run, load_backbone(run), dataset, kind=args.kind, rebuild=args.rebuild)
     kinds = ", ".join(sorted({shelf.kind for shelf in index.shelves.values()}))
     print(f"{args.out}: {len(index)} products in {len(index.categories)} categories ({kinds}); added {report.added}, removed {report.removed}")
@@ -136,18 +153,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
 
-    from ctl.data import load_dataset
     from ctl.index import CatalogIndex, IndexedRecommender
     from ctl.recommend import load_backbone
     from ctl.serve import create_app, pick_examples
-    from ctl.train import load_run
 
-    run = load_run(args.run)
+    run = open_run(args)
     index = CatalogIndex.load(args.index, run)
     examples = []
-    data = args.data or run.config.data.root
+    data = run.config.data.root
     if args.examples and data and Path(data).expanduser().is_dir():
-        dataset = load_dataset(data, run.config.data.domain, run.config.data.min_crop_px)
+        dataset = run_dataset(run)
         examples = pick_examples(dataset, list(index.categories), args.examples, run.config.data)
     elif args.examples:
         print(f"no example scenes: the dataset {data or '(none)'} is not here; pass --data")
@@ -188,10 +203,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     from ctl.pipeline import run_pipeline
 
     cfg = ensure_data(build_config(args))
-    results = run_pipeline(cfg, args.out, args.variants, list(range(args.seeds)))
+    run_pipeline(cfg, args.out, args.variants, list(range(args.seeds)))
     print((Path(args.out) / "results.md").read_text())
-    print(f"results: {Path(args.out) / 'results.json'}; runs in {Path(args.out) / 'runs'}")
-    del results
+    print(f"results: {Path(args.out) / 'results.md'} and results.json; pictures of the rankings: rankings-<variant>.png; runs in {Path(args.out) / 'runs'}")
 
 
 def parser() -> argparse.ArgumentParser:

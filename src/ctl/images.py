@@ -29,7 +29,9 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.load()  # truncated files fail here, not later in the backbone
         image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError as err:
+        raise ImageError(f"{name}: not an image in a format this program reads (JPEG, PNG, WebP, GIF, BMP, TIFF...)") from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{name}: not a readable image ({err})") from err
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGB", image.size, (255, 255, 255))  # transparent pixels become white

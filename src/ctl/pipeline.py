@@ -93,7 +93,7 @@ def draw_rankings(run: Run, dataset: Dataset, queries: Sequence[Query], path: Pa
     strips = []
     for query in queries:
         result = recommender.recommend(load_image(dataset.image_path(query.scene)), query.bbox, query.category, k)
-        strips.append(ranking_picture(result, dataset.image_path, query.positives))
+        strips.append(ranking_picture(result, dataset.image_path, query.category, query.positives))
     save_png(stack(strips), path)
 
 

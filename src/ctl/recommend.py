@@ -107,12 +107,13 @@ class Recommender:
         return Recommendation([(self.products[rows[i]], float(distances[i])) for i in top], scene)
 
 
-def ranking_picture(result: Recommendation, image_path: Callable[[str], Path], positives: Collection[str] = ()) -> Image.Image:
-    """The scene crop (with its attention map where the variant has one) followed by the ranked
-    products, each captioned with its rank and distance; known correct answers are marked."""
+def ranking_picture(result: Recommendation, image_path: Callable[[str], Path], category: str, positives: Collection[str] = ()) -> Image.Image:
+    """The scene's context crop (the product's box cut away; with the attention map where the variant
+    has one) followed by the ranked products, each captioned with its rank and distance; known
+    correct answers are marked."""
     scene = result.scene.crop if result.scene.attention is None else attention_overlay(result.scene.crop, result.scene.attention)
     tiles = [
         (load_image(image_path(p)), f"{rank}. d={d:.3f}" + (" CORRECT" if p in positives else ""))
         for rank, (p, d) in enumerate(result.products, 1)
     ]
-    return ranking_strip(scene, tiles)
+    return ranking_strip(scene, tiles, f"context seen, for {category.split('|')[-1]}")

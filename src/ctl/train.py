@@ -61,15 +61,26 @@ def load_run(path: str | Path, checkpoint: str = "best.pt") -> Run:
     return Run(path, config, backbone, model)
 
 
+# Settings a run may change when resumed: they decide how long it trains or where things are, not what it learns.
+RESUMABLE = {"train.epochs", "train.patience", "train.device", "features.cache_dir", "features.batch_size", "features.num_workers"}
+
+
+def _flat(config: dict) -> dict[str, object]:
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+
+
 def _prepare_run_folder(path: Path, cfg: Config, backbone: dict, categories: list[str]) -> None:
     """Write the run's identity, or check that an existing run was made with the same one."""
     identity = {"config.json": cfg.to_dict(), "backbone.json": backbone, "categories.json": categories}
     if (path / "config.json").exists():
-        for name, expected in identity.items():
-            found = json.loads((path / name).read_text())
-            if json.loads(json.dumps(expected)) != found:
-                raise RunError(f"{path}: {name} differs from this run's; resume with the same settings or choose a new --run folder")
-        return
+        found = _flat(json.loads((path / "config.json").read_text()))
+        wanted = _flat(json.loads(json.dumps(cfg.to_dict())))
+        changed = [f"{k}: {found.get(k)!r} -> {v!r}" for k, v in wanted.items() if found.get(k) != v and k not in RESUMABLE]
+        for name in ("backbone.json", "categories.json"):
+            if json.loads((path / name).read_text()) != json.loads(json.dumps(identity[name])):
+                changed.append(f"{name} differs")
+        if changed:
+            raise RunError(f"{path} was trained with other settings ({'; '.join(changed)}): resume with the same ones or choose a new --run folder")
     path.mkdir(parents=True, exist_ok=True)
     for name, value in identity.items():
         write_text_atomic(path / name, json.dumps(value, indent=2) + "\n")

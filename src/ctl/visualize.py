@@ -28,12 +28,12 @@ def attention_overlay(crop: Image.Image, attention: np.ndarray, alpha: float = 0
     return Image.blend(crop.convert("RGB"), heat, alpha)
 
 
-def ranking_strip(scene: Image.Image, products: Sequence[tuple[Image.Image, str]], tile: int = 160) -> Image.Image:
+def ranking_strip(scene: Image.Image, products: Sequence[tuple[Image.Image, str]], scene_caption: str = "scene", tile: int = 160) -> Image.Image:
     """The scene (or its attention overlay) followed by the ranked products, each captioned."""
     caption = 18
     sheet = Image.new("RGB", (tile * (len(products) + 1), tile + caption), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (image, text) in enumerate([(scene, "scene")] + list(products)):
+    for i, (image, text) in enumerate([(scene, scene_caption)] + list(products)):
         thumb = image.convert("RGB")
         thumb.thumbnail((tile - 4, tile - 4))
         sheet.paste(thumb, (i * tile + (tile - thumb.width) // 2, (tile - thumb.height) // 2))
