@@ -8,6 +8,7 @@ Loading never stops at one bad record: it is skipped, and the :class:`SkipReport
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import math
@@ -116,15 +117,15 @@ class Dataset:
         return sorted(set(self.categories.values()))
 
     def catalog(self, category: str) -> list[str]:
-        return self._catalogs().get(category, [])
+        """The category's products, sorted."""
+        return self._catalogs.get(category, [])
 
+    @functools.cached_property
     def _catalogs(self) -> dict[str, list[str]]:
-        if not hasattr(self, "_catalog_cache"):
-            by_category: dict[str, list[str]] = collections.defaultdict(list)
-            for product in sorted(self.categories):
-                by_category[self.categories[product]].append(product)
-            self._catalog_cache = dict(by_category)
-        return self._catalog_cache
+        by_category: dict[str, list[str]] = collections.defaultdict(list)
+        for product in sorted(self.categories):
+            by_category[self.categories[product]].append(product)
+        return dict(by_category)
 
     def discard(self, failed: dict[ImageRef, str]) -> None:
         """Drop the products and queries whose image turned out unreadable, reporting each."""
@@ -138,7 +139,7 @@ class Dataset:
             if query.scene in bad:
                 self.report.add(query.scene, f"scene image unreadable: {bad[query.scene]}")
         self.queries = [q for q in self.queries if q.scene not in bad and all(p in self.categories for p in q.positives)]
-        self.__dict__.pop("_catalog_cache", None)
+        self.__dict__.pop("_catalogs", None)  # drop the cached per-category lists
 
     def split(self, fractions: tuple[float, float, float], seed: int) -> dict[str, list[Query]]:
         """Train / validation / test queries, split by scene so that no scene is in two splits.
