@@ -125,6 +125,14 @@ def test_non_image_bytes_raise_image_error(tmp_path, data):
         decode_image(data, "named-input")
 
 
+def test_decompression_bomb_is_refused_naming_the_file(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # anything over 2x this is refused outright
+    buffer = io.BytesIO()
+    Image.new("L", (100, 100)).save(buffer, format="PNG")
+    with pytest.raises(ImageError, match=r"huge\.png: too large"):
+        decode_image(buffer.getvalue(), "huge.png")
+
+
 def test_image_error_is_a_value_error():
     with pytest.raises(ValueError):
         decode_image(b"nope", "x")

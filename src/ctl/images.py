@@ -29,6 +29,8 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.load()  # truncated files fail here, not later in the backbone
         image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{name}: too large to decode safely ({err})") from err
     except UnidentifiedImageError as err:
         raise ImageError(f"{name}: not an image in a format this program reads (JPEG, PNG, WebP, GIF, BMP, TIFF...)") from err
     except (OSError, SyntaxError, ValueError) as err:
