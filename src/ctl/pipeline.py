@@ -103,4 +103,17 @@ def results_markdown(results: dict) -> str:
         by_method = {m: s[split] for m, s in results["methods"].items()}
         for group, title in (("overall", "all queries"), ("novelty:new", "queries whose positive is new (never a training positive)")):
             parts.append(f"**{split} split, {title}**\n\n{markdown_table(by_method, group)}\n")
+    parts.append(f"**val split, AUC per category**\n\n{category_table({m: s['val'] for m, s in results['methods'].items()})}\n")
     return "\n".join(parts)
+
+
+def category_table(by_method: dict[str, dict], metric: str = "auc") -> str:
+    """One row per category, one column per method: where each method wins and loses."""
+    methods = list(by_method)
+    categories = sorted({g for summary in by_method.values() for g in summary if g.startswith("category:")})
+    lines = [f"| category | {' | '.join(methods)} | queries |", "|" + " --- |" * (len(methods) + 2)]
+    for group in categories:
+        cells = [f"{by_method[m][group][metric][0]:.3f}" if group in by_method[m] else "" for m in methods]
+        count = next(by_method[m][group]["count"] for m in methods if group in by_method[m])
+        lines.append(f"| {group.removeprefix('category:').split('|')[-1]} | {' | '.join(cells)} | {count} |")
+    return "\n".join(lines)
