@@ -153,17 +153,21 @@ def _by_key(queries):
     return {(q.scene, tuple(q.bbox), q.category): q for q in queries}
 
 
+# the queries the GOOD records make: (scene, box, category)
+GOOD_QUERY_KEYS = {
+    ("SC1", tuple(BOX_A), "shoes"),
+    ("SC1", tuple(BOX_A), "bags"),
+    ("SC1", tuple(BOX_B), "bags"),
+    ("SC2", tuple(BOX_A), "shoes"),
+}
+
+
 def test_load_dataset_groups_pairs_into_queries(tmp_path):
     ds = load_dataset(_write_stl(tmp_path / "stl", GOOD))
     assert ds.report.skipped == []
     assert ds.report.summary() == "nothing skipped"
     queries = _by_key(ds.queries)
-    assert set(queries) == {
-        ("SC1", tuple(BOX_A), "shoes"),
-        ("SC1", tuple(BOX_A), "bags"),
-        ("SC1", tuple(BOX_B), "bags"),
-        ("SC2", tuple(BOX_A), "shoes"),
-    }
+    assert set(queries) == GOOD_QUERY_KEYS
     assert set(queries["SC1", tuple(BOX_A), "shoes"].positives) == {"S1", "S2"}
     assert queries["SC1", tuple(BOX_A), "bags"].positives == ("B1",)
     assert queries["SC1", tuple(BOX_B), "bags"].positives == ("B2",)
@@ -220,12 +224,7 @@ def test_load_dataset_skips_each_bad_input_with_its_name(tmp_path):
 
     # the good records are all still there, and nothing from a bad one leaked in
     queries = _by_key(ds.queries)
-    assert set(queries) == {
-        ("SC1", tuple(BOX_A), "shoes"),
-        ("SC1", tuple(BOX_A), "bags"),
-        ("SC1", tuple(BOX_B), "bags"),
-        ("SC2", tuple(BOX_A), "shoes"),
-    }
+    assert set(queries) == GOOD_QUERY_KEYS
     assert set(queries["SC1", tuple(BOX_A), "shoes"].positives) == {"S1", "S2"}  # the duplicate is not a third positive
     assert "NOCAT9" not in ds.categories
     assert all(q.scene not in {"GONE", "BROKEN", "TINY"} for q in ds.queries)
