@@ -68,3 +68,11 @@ def test_a_finished_run_can_train_longer(prepared, tmp_path):
 def test_loading_a_folder_without_a_model_says_what_to_do(tmp_path):
     with pytest.raises(RunError, match="ctl train --run"):
         load_run(tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["global", "local", "full-no-category"])
+def test_every_variant_and_the_per_location_heads_train_and_reload(prepared, tmp_path, variant):
+    cfg = prepared.cfg.override([f"model.variant={variant}", "model.per_location=true", "train.epochs=1"])
+    run = train(cfg, prepared.dataset, prepared.features, tmp_path / "run", progress=False)
+    assert run.model.variant == variant
+    assert load_run(tmp_path / "run").config.model.per_location
