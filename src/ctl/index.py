@@ -31,14 +31,13 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 from PIL import Image
 
 from ctl.backbones import Backbone
 from ctl.data import Dataset
 from ctl.images import Box
 from ctl.io import atomic_path, write_text_atomic
-from ctl.recommend import Recommendation, SceneQuery, embed_scene, product_features
+from ctl.recommend import Recommendation, SceneQuery, embed_products, embed_scene
 from ctl.train import Run
 
 FORMAT = 1
@@ -355,15 +354,6 @@ def _check_identity(path: Path, made_by: dict, current: dict, run_path: Path) ->
             f"{path}: made with the model of run {made_by['path']} ({made_by['model']}), not with run {run_path}'s "
             f"({current['model']}); make an index for this run: ctl index --run {run_path} --out DIR"
         )
-
-
-def embed_products(run: Run, backbone: Backbone, images: Sequence[Path], progress: bool = True) -> tuple[np.ndarray, dict[Path, str]]:
-    """f_p (n, dim) float32 of product images, rows of unreadable images zero; and the reason for each of those."""
-    features = product_features(run, backbone, images, progress)
-    with torch.no_grad():
-        embeddings = run.model.embed_products(torch.from_numpy(features.global_).float()).numpy()
-    embeddings[~features.ok] = 0.0
-    return embeddings, {ref.path: reason for ref, reason in features.failed.items()}
 
 
 @dataclass

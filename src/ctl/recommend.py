@@ -12,7 +12,7 @@ from PIL import Image
 
 from ctl.backbones import Backbone, create_backbone, preprocess
 from ctl.data import Dataset, context_box
-from ctl.features import FeatureSet, extract_features
+from ctl.features import extract_features
 from ctl.images import Box, ImageRef, crop, load_image
 from ctl.train import Run, RunError
 from ctl.visualize import attention_overlay, ranking_strip
@@ -59,10 +59,11 @@ def embed_scene(run: Run, backbone: Backbone, image: Image.Image, box: Box | Non
     return SceneQuery(context, model.query(scene, index)[0], attention, scene.global_[0])
 
 
-def product_features(run: Run, backbone: Backbone, images: Sequence[Path], progress: bool = True) -> FeatureSet:
-    """Backbone global features of whole product images, through the run's feature cache."""
+def embed_products(run: Run, backbone: Backbone, images: Sequence[Path], progress: bool = True) -> tuple[np.ndarray, dict[Path, str]]:
+    """f_p (n, dim) float32 of product images, through the run's feature cache; rows of unreadable
+    images are zero, and the reason for each of those is returned beside."""
     cfg = run.config.features
-    return extract_features(
+    features = extract_features(
         backbone,
         [ImageRef(path) for path in images],
         cache_dir=cfg.cache_dir,
@@ -72,16 +73,19 @@ def product_features(run: Run, backbone: Backbone, images: Sequence[Path], progr
         with_local=False,
         progress=progress,
     )
+    with torch.no_grad():
+        embeddings = run.model.embed_products(torch.from_numpy(features.global_).float()).numpy()
+    embeddings[~features.ok] = 0.0
+    return embeddings, {ref.path: reason for ref, reason in features.failed.items()}
 
 
 class Recommender:
     """Ranks a catalog by the full distance d for one scene at a time."""
 
-    def __init__(self, run: Run, backbone: Backbone, products: list[str], categories: list[str], product_global: np.ndarray):
+    def __init__(self, run: Run, backbone: Backbone, products: list[str], categories: list[str], embeddings: np.ndarray):
         self.run, self.backbone = run, backbone
         self.products = products
-        with torch.no_grad():
-            self.embeddings = run.model.embed_products(torch.from_numpy(product_global).float())
+        self.embeddings = torch.from_numpy(embeddings)  # f_p, one row per product
         self.rows: dict[str, np.ndarray] = {}
         for category in sorted(set(categories)):
             self.rows[category] = np.array([i for i, c in enumerate(categories) if c == category])
@@ -90,9 +94,10 @@ class Recommender:
     def from_dataset(cls, run: Run, dataset: Dataset, progress: bool = True) -> Recommender:
         backbone = load_backbone(run)
         products = sorted(dataset.categories)
-        features = product_features(run, backbone, [dataset.image_path(p) for p in products], progress)
-        keep = np.flatnonzero(features.ok)
-        return cls(run, backbone, [products[i] for i in keep], [dataset.categories[products[i]] for i in keep], features.global_[keep])
+        paths = [dataset.image_path(p) for p in products]
+        embeddings, failed = embed_products(run, backbone, paths, progress)
+        keep = [i for i, path in enumerate(paths) if path not in failed]
+        return cls(run, backbone, [products[i] for i in keep], [dataset.categories[products[i]] for i in keep], embeddings[keep])
 
     def recommend(self, image: Image.Image, box: Box | None, category: str, k: int = 10) -> Recommendation:
         if k < 1:
