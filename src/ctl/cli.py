@@ -221,6 +221,13 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--data", type=Path, help="an STL-format folder (default: a small generated dataset)")
         return p
 
+    def run_command(name: str, func, help: str) -> argparse.ArgumentParser:
+        """A command on a trained run: its dataset is the run's unless --data names another."""
+        p = command(name, func, help, data=False)
+        p.add_argument("--run", type=Path, required=True, help="the run folder (ctl train)")
+        p.add_argument("--data", type=Path, help="the STL folder (default: the run's dataset)")
+        return p
+
     def backbone_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--backbone", help="resnet50 (default, needs its weights) or efficientnet-lite0 (offline)")
         p.add_argument("--weights", help="a state-dict file for the backbone")
@@ -235,16 +242,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=VARIANTS)
     p.add_argument("--epochs", type=int)
 
-    p = command("evaluate", cmd_evaluate, "evaluate a trained run", data=False)
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--data", type=Path, help="the dataset (default: the run's)")
+    p = run_command("evaluate", cmd_evaluate, "evaluate a trained run against the baselines")
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--queries", type=Path, help="an explicit query file (JSON lines) instead of a split")
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
 
-    p = command("recommend", cmd_recommend, "recommend catalog products that complete a scene", data=False)
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--data", type=Path, help="the catalog's STL folder (default: the run's dataset)")
+    p = run_command("recommend", cmd_recommend, "recommend catalog products that complete a scene")
     p.add_argument("--scene", type=Path, required=True, help="the scene image (any common format)")
     p.add_argument("--box", type=float, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"), help="the region to fill, normalised to [0, 1] (default: none, the whole scene is context)")
     p.add_argument("--category", required=True)
@@ -253,17 +256,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strip", type=Path, help="save the scene and the ranked products as one PNG")
     p.add_argument("--index", type=Path, help="rank with this catalog index (ctl index) instead of embedding the catalog")
 
-    p = command("index", cmd_index, "index a run's embeddings of the catalog for fast search (updates an existing index)", data=False)
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--data", type=Path, help="the catalog's STL folder (default: the run's dataset)")
+    p = run_command("index", cmd_index, "index a run's embeddings of the catalog for fast search (updates an existing index)")
     p.add_argument("--out", type=Path, required=True, help="the index folder")
     p.add_argument("--kind", choices=("auto", "flat", "ivf", "hnsw"), help="exact (flat) or approximate search; auto: flat up to 50k products per category, IVF above")
     p.add_argument("--rebuild", action="store_true", help="start afresh instead of updating the index in --out")
 
-    p = command("serve", cmd_serve, "serve the HTTP API and the web page", data=False)
-    p.add_argument("--run", type=Path, required=True)
+    p = run_command("serve", cmd_serve, "serve the HTTP API and the web page (example scenes from the run's dataset)")
     p.add_argument("--index", type=Path, required=True, help="the run's catalog index (ctl index)")
-    p.add_argument("--data", type=Path, help="where the example scenes come from (default: the run's dataset)")
     p.add_argument("--examples", type=int, default=6, help="how many test-split scenes the page offers (default: 6)")
     p.add_argument("--host", default="127.0.0.1", help="the address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
